@@ -1,0 +1,211 @@
+"""The training loop shared by the autoencoder and STEDM trainers.
+
+What it owns, so each trainer only writes its loss: HF `accelerate` (CPU, one or several GPUs,
+fp16/bf16), gradient accumulation, AdamW, an optional EMA of the trainable weights (diffusers
+`EMAModel`), resumable checkpoints every N steps, a tqdm bar, MLflow metrics and a loss curve.
+
+Exact resumption: data items are pure functions of a global sample counter (`CounterSampler`
+starts where the last checkpoint stopped), each step's noise comes from a generator seeded with
+(seed, step), and the optimiser, EMA and RNG states are restored. On CPU an interrupted run
+therefore continues bit-for-bit like an uninterrupted one (tested).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from stedm.diffusion.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from stedm.diffusion.data import CounterSampler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopSettings:
+    steps: int
+    batch_size: int
+    lr: float
+    grad_accum: int = 1
+    mixed_precision: str = "no"
+    ema_decay: float | None = None
+    checkpoint_every: int = 500
+    seed: int = 0
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = 1.0
+    num_workers: int = 0
+    log_every: int = 10
+    stop_after: int | None = None  # for tests: simulate an interruption after this many steps
+
+
+@dataclass
+class LoopResult:
+    step: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_from: int | None = None
+
+
+def make_accelerator(settings: LoopSettings) -> Accelerator:
+    """CPU when no GPU is present; mixed precision only where the device supports it."""
+    cpu = not torch.cuda.is_available()
+    precision = settings.mixed_precision
+    if cpu and precision == "fp16":
+        log.warning("fp16 needs a GPU; training in fp32 on CPU")
+        precision = "no"
+    return Accelerator(
+        cpu=cpu, mixed_precision=precision, gradient_accumulation_steps=settings.grad_accum
+    )
+
+
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator for one optimiser step's noise: independent of how the run was split."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed) * 1_000_003 + int(step))
+    return gen
+
+
+def train_loop(
+    *,
+    model: torch.nn.Module,
+    dataset: Dataset,
+    loss_fn: Callable[[torch.nn.Module, dict[str, Any], torch.Generator], tuple[torch.Tensor, dict[str, float]]],
+    settings: LoopSettings,
+    work_dir: Path,
+    accelerator: Accelerator | None = None,
+    on_log: Callable[[dict[str, float], int], None] | None = None,
+    desc: str = "train",
+) -> tuple[torch.nn.Module, EMAModel | None, LoopResult]:
+    """Train `model` (its trainable parameters) on `dataset` with `loss_fn`, resuming if possible.
+
+    Args:
+        loss_fn: (model, batch, generator) -> (loss, scalars to log). Called once per micro-batch.
+        work_dir: where `checkpoints/step-*` live; an existing one is resumed from.
+    Returns:
+        The unwrapped model (final weights), the EMA (or None) and a LoopResult.
+    """
+    accelerator = accelerator or make_accelerator(settings)
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    ema = EMAModel(params, decay=settings.ema_decay) if settings.ema_decay else None
+    history: list[dict[str, float]] = []
+    start, resumed_from = 0, None
+    ckpt = latest_checkpoint(work_dir)
+    if ckpt is not None:
+        tensors, state = load_checkpoint(ckpt, optimizer)
+        model.load_state_dict(tensors["model"], strict=True)
+        if ema is not None and "ema" in tensors:
+            for shadow, name in zip(ema.shadow_params, names, strict=True):
+                shadow.data.copy_(tensors["ema"][name])
+            ema.optimization_step = state.get("ema_optimization_step", state["step"])
+        start, history, resumed_from = state["step"], state.get("history", []), state["step"]
+        log.info("resuming from %s (step %d)", ckpt, start)
+    micro = settings.batch_size
+    per_step = micro * settings.grad_accum
+    loader = DataLoader(
+        dataset,
+        batch_size=micro,
+        sampler=CounterSampler(start * per_step, settings.steps * per_step),
+        num_workers=settings.num_workers,
+        drop_last=True,
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if ema is not None:
+        ema.to(accelerator.device)
+    model.train()
+    t0 = time.perf_counter()
+    step = start
+    bar = tqdm(total=settings.steps, initial=start, desc=desc, mininterval=2.0, disable=None)
+    batches = iter(loader)
+    while step < settings.steps:
+        gen = step_generator(settings.seed, step, accelerator.device)
+        logs: dict[str, float] = {}
+        for _ in range(settings.grad_accum):
+            batch = next(batches)
+            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with accelerator.accumulate(model), accelerator.autocast():
+                loss, parts = loss_fn(model, batch, gen)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and settings.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for k, v in parts.items():
+                logs[k] = logs.get(k, 0.0) + v / settings.grad_accum
+        if not all(math.isfinite(v) for v in logs.values()):
+            raise FloatingPointError(f"non-finite loss at step {step}: {logs}; lower the learning rate")
+        if ema is not None:
+            ema.step(params)
+        step += 1
+        history.append({"step": step, **logs})  # every step: resumption keeps it exact
+        bar.update(1)
+        if step % settings.log_every == 0 or step == settings.steps:
+            recent = history[-settings.log_every :]
+            mean = {k: sum(r[k] for r in recent) / len(recent) for k in logs}
+            bar.set_postfix({k: f"{v:.4f}" for k, v in mean.items()})
+            if on_log is not None:
+                on_log(mean, step)
+        if step % settings.checkpoint_every == 0 or step == settings.steps:
+            unwrapped = accelerator.unwrap_model(model)
+            tensors = {"model": unwrapped.state_dict()}
+            state: dict[str, Any] = {"history": history}
+            if ema is not None:
+                tensors["ema"] = dict(zip(names, ema.shadow_params, strict=True))
+                state["ema_optimization_step"] = ema.optimization_step
+            save_checkpoint(work_dir, step, tensors, optimizer, state)
+        if settings.stop_after is not None and step - start >= settings.stop_after:
+            break
+    bar.close()
+    seconds = time.perf_counter() - t0
+    return accelerator.unwrap_model(model), ema, LoopResult(step, history, seconds, resumed_from)
+
+
+def apply_ema(model: torch.nn.Module, ema: EMAModel | None) -> None:
+    """Copy the EMA weights into the model's trainable parameters (what sampling should use)."""
+    if ema is None:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    ema.copy_to(params)
+
+
+def plot_history(history: list[dict[str, float]], path: Path, title: str) -> None:
+    """A loss-curve PNG (every logged scalar against the step), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stedm.io import atomic_output
+
+    if not history:
+        return
+    keys = [k for k in history[0] if k != "step"]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    steps = np.array([h["step"] for h in history])
+    window = max(1, len(history) // 50)  # per-step losses are noisy: show a moving average too
+    for k in keys:
+        values = np.array([h[k] for h in history], dtype=float)
+        line = ax.plot(steps, values, alpha=0.25, lw=0.8)[0]
+        smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1 :], smooth, color=line.get_color(), label=f"{k} (mean of {window})")
+    ax.set_xlabel("optimiser step")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

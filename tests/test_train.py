@@ -1,0 +1,75 @@
+"""Trainers: the autoencoder stage and STEDM training, including exact resumption."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from stores import write_store
+
+from stedm.config import load_config
+from stedm.diffusion.train import train_stedm
+from stedm.diffusion.train_autoencoder import train_autoencoder
+from stedm.errors import StedmError
+from stedm.models.autoencoder import get_scaling_factor, load_autoencoder
+from stedm.models.stedm import StedmModel
+
+
+def cfg(tmp_path, **stedm):
+    return load_config({
+        "results_dir": str(tmp_path / "results"),
+        "tracking": {"enabled": False},
+        "autoencoder": {"steps": 4, "batch_size": 4},
+        "stedm": {"steps": 6, "batch_size": 4, "checkpoint_every": 3, "n_style": 2, **stedm},
+    })
+
+
+@pytest.fixture(scope="module")
+def trained_ae(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ae")
+    stores = [write_store(tmp / f"s{i}.zarr", f"s{i}", seed=i) for i in range(3)]
+    info = train_autoencoder(cfg(tmp), stores[:2], stores[2:], tmp / "ae", tmp / "ae.work")
+    return tmp, stores, info
+
+
+def test_autoencoder_stage_saves_model_with_scaling_factor(trained_ae):
+    tmp, _, info = trained_ae
+    ae = load_autoencoder(tmp / "ae")
+    assert get_scaling_factor(ae) == pytest.approx(info["scaling_factor"]) and info["scaling_factor"] > 0
+    assert info["latent_shape"] == [4, 8, 8]
+    assert np.isfinite(info["validation"]["psnr_db"])
+    assert (tmp / "ae" / "loss_curve.png").stat().st_size > 0
+    assert len(info["history"]) >= 1
+
+
+def test_stedm_training_saves_ema_model_and_resumes_exactly(trained_ae, tmp_path):
+    _, stores, _ = trained_ae
+    ae_dir = trained_ae[0] / "ae"
+    config = cfg(tmp_path)
+    full = train_stedm(config, 2, stores[:2], ae_dir, tmp_path / "full", tmp_path / "full.work")
+    # interrupted after 4 steps: the checkpoint at step 3 survives, step 4 is lost and redone
+    partial = train_stedm(config, 2, stores[:2], ae_dir, tmp_path / "res", tmp_path / "res.work", stop_after=4)
+    assert partial["step"] == 4 and not (tmp_path / "res").exists()  # no half-written output
+    resumed = train_stedm(config, 2, stores[:2], ae_dir, tmp_path / "res", tmp_path / "res.work")
+    assert resumed["resumed_from"] == 3  # the newest checkpoint before the interruption
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
+    a = load_file(tmp_path / "full" / "model.safetensors")
+    b = load_file(tmp_path / "res" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    model = StedmModel.from_pretrained(tmp_path / "full")
+    assert model.config.aggregation == "linear" and model.config.n_style == 2
+    run = json.loads((tmp_path / "full" / "stedm_run.json").read_text())
+    assert run["weights"] == "ema" and run["slides"] == ["s0", "s1"]
+    # EMA weights differ from the last raw weights in the checkpoint
+    raw = load_file(next((tmp_path / "full.work" / "checkpoints").glob("step-000006")) / "model.safetensors")
+    assert any(not torch.equal(raw[k], a[k]) for k in a if k in raw)
+
+
+def test_budget_slide_without_labels_fails(trained_ae, tmp_path):
+    _, _, _ = trained_ae
+    store = write_store(tmp_path / "u.zarr", "u", labels=False)
+    with pytest.raises(StedmError, match="u"):
+        train_stedm(cfg(tmp_path), 1, [store], trained_ae[0] / "ae", tmp_path / "o", tmp_path / "o.work")
