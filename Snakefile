@@ -6,7 +6,7 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
-configfile: "workflow_config.yaml"
+configfile: f"{workflow.basedir}/workflow_config.yaml"
 
 
 validate(config, "schemas/config.schema.yaml", set_default=True)

@@ -73,7 +73,7 @@ class TilingConfig:
     thumbnail_mpp: float = 16.0
     tissue_threshold: str | float = "otsu"
     min_tissue_fraction: float = 0.5
-    chunk_tiles: int = 1
+    chunk_tiles: int = 16
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,7 @@ class StedmConfig:
     style_encoder: str = "cnn"
     style_encoder_weights: str | None = None
     freeze_style: bool = False
+    null_style: str = "constant_image"
     style_sampling: str = "multi_patch"
     n_style: int = 4
     nearby_distance_um: float = 256.0
@@ -128,6 +129,58 @@ class StedmConfig:
 
 
 @dataclass(frozen=True)
+class SynthesisConfig:
+    n_samples: int = 480
+    style_sampling: str | None = None
+    n_style: int | None = None
+    affine: bool = False
+    sampler: str = "dpm_solver++"
+    steps: int = 20
+    guidance_scale: float = 1.5
+    guidance_rescale: float = 0.7
+    n_shards: int = 2
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class ArmConfig:
+    synthetic_fraction: float = 0.0
+    stain_augmentation: bool = False
+    budgets: tuple[int, ...] | None = None
+
+    def runs_for(self, budget: int) -> bool:
+        return self.budgets is None or budget in self.budgets
+
+
+def _default_arms() -> dict[str, ArmConfig]:
+    return {
+        "real": ArmConfig(),
+        "real+stedm": ArmConfig(synthetic_fraction=0.8),
+        "real+stainaug": ArmConfig(stain_augmentation=True),
+    }
+
+
+@dataclass(frozen=True)
+class SegmentationConfig:
+    preset: str = "demo"
+    encoder: str | None = None
+    encoder_weights: str | None = None
+    target: str = "binary"
+    arms: dict[str, ArmConfig] = field(default_factory=_default_arms)
+    seeds: tuple[int, ...] = (0,)
+    steps: int = 400
+    batch_size: int = 8
+    lr: float = 1e-3
+    ce_weight: float = 0.1
+    dice_weight: float = 0.9
+    val_every: int = 100
+    mixed_precision: str = "no"
+    eval_overlap: float = 0.25
+    eval_batch_size: int = 16
+    worst_k: int = 2
+
+
+@dataclass(frozen=True)
 class Config:
     results_dir: str = "results"
     seed: int = 0
@@ -138,6 +191,8 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     stedm: StedmConfig = field(default_factory=StedmConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
 
     def section(self, name: str) -> dict[str, Any]:
         """One section as a plain dict (what rules pass to a stage as `params`)."""
@@ -224,7 +279,10 @@ def _build(cls: type, data: dict[str, Any]) -> Any:
         value, hint = data[f.name], hints[f.name]
         if dataclasses.is_dataclass(hint):
             value = _build(hint, value)
-        elif isinstance(value, list) and (typing.get_origin(hint) is tuple):
+        elif f.name == "arms":
+            value = {name: _build(ArmConfig, arm) for name, arm in value.items()}
+        elif isinstance(value, list) and (typing.get_origin(hint) is tuple or tuple in typing.get_args(hint)
+                                          or any(typing.get_origin(a) is tuple for a in typing.get_args(hint))):
             value = tuple(value)
         elif isinstance(value, int) and not isinstance(value, bool) and hint is float:
             value = float(value)
