@@ -97,9 +97,10 @@ class AutoencoderConfig:
     pretrained_path: str | None = None
     preset: str = "tiny"
     kind: str = "kl"
-    steps: int = 600
+    steps: int = 500
     batch_size: int = 8
     lr: float = 1e-3
+    train_crop: int | None = 64
     kl_weight: float = 1e-6
     mixed_precision: str = "no"
 
@@ -119,7 +120,7 @@ class StedmConfig:
     nearby_distance_um: float = 256.0
     style_dropout: float = 0.25
     loss: str = "l1"
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 3e-4

@@ -85,7 +85,12 @@ def train_autoencoder(
         )
 
         def loss_fn(model, batch, gen):
-            return autoencoder_loss(model, batch["image"], kl_weight=cfg.kl_weight)
+            images = batch["image"]
+            crop = cfg.train_crop
+            if crop and crop < images.shape[-1]:  # one random crop per batch, from the step's generator
+                y, x = torch.randint(0, images.shape[-1] - crop + 1, (2,), generator=gen, device=gen.device).tolist()
+                images = images[..., y : y + crop, x : x + crop]
+            return autoencoder_loss(model, images, kl_weight=cfg.kl_weight)
 
         with start_run(config, "train_autoencoder", params={"autoencoder": config.section("autoencoder")}) as run:
             ae, _, result = train_loop(
