@@ -48,7 +48,10 @@ def init_tracking(config: Config) -> str | None:
     mlflow = _mlflow(config)
     experiment = mlflow.get_experiment_by_name(config.tracking.experiment)
     if experiment is None:
-        return mlflow.create_experiment(config.tracking.experiment)
+        # Artifacts next to the database, not MLflow's default ./mlruns in whatever folder the
+        # job happens to run in.
+        artifacts = (Path(config.results_dir).resolve() / "mlartifacts").as_uri()
+        return mlflow.create_experiment(config.tracking.experiment, artifact_location=artifacts)
     return experiment.experiment_id
 
 

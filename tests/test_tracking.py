@@ -25,6 +25,11 @@ def test_runs_grouped_under_parent(tmp_path):
     assert by_name["train"].data.params["stedm.lr"] == "0.1"
     assert by_name["train"].data.metrics["loss"] == 0.5
     assert "nan" not in by_name["eval"].data.metrics
+    artifact = tmp_path / "a.txt"
+    artifact.write_text("x")
+    with start_run(cfg, "artifacts") as run3:
+        run3.log_artifact(artifact)
+    assert list((tmp_path / "results" / "mlartifacts").rglob("a.txt"))  # not ./mlruns
 
 
 def test_disabled_is_a_no_op(tmp_path):
