@@ -42,6 +42,8 @@ def slide_inputs(wildcards):
     files = [MANIFEST, str(record.slide_path)]
     if record.annotation_path is not None:
         files.append(str(record.annotation_path))
+        if record.annotation_path.suffix.lower() in {".png", ".tif", ".tiff"}:
+            files.append(str(record.annotation_path.with_suffix(".json")))  # label-mask sidecar
     return files
 
 

@@ -19,9 +19,18 @@ STAGES: dict[str, tuple[str, str]] = {
     "make-demo-cohort": ("stedm.data.demo", "generate the synthetic demo cohort (slides, GeoJSON, manifest)"),
     "tile": ("stedm.tiling.cli", "tile one slide (and its annotations) into a zarr store"),
     "split": ("stedm.data.splits", "write patient-level splits.json with nested budgets"),
+    "check-data": ("stedm.data.check", "validate a manifest and its files; one line per problem, then a summary"),
+    "import-catch": ("stedm.data.catch", "turn the public CATCH release into a manifest + QuPath GeoJSON"),
     "init-tracking": ("stedm.tracking", "create the MLflow database and experiment once"),
     "train-autoencoder": ("stedm.diffusion.train_autoencoder", "train the first-stage autoencoder"),
     "train-stedm": ("stedm.diffusion.train", "train one STEDM model for an annotation budget"),
+    "train-seg": ("stedm.segmentation.train", "train one segmentation model for a budget, arm and seed"),
+    "evaluate-seg": ("stedm.segmentation.evaluate", "whole-slide Dice/IoU of a segmentation model per test patient"),
+    "select-styles": ("stedm.synthesis.select", "write a budget's style-query table (layouts x unseen styles)"),
+    "generate": ("stedm.synthesis.generate", "generate synthetic tiles: one workflow shard, or your own layout"),
+    "merge-synthetic": ("stedm.synthesis.merge", "merge generation shards into synthetic.zarr + preview.png"),
+    "evaluate-generation": ("stedm.metrics.generation", "FID/IS, style and layout fidelity of a budget's synthetic set"),
+    "report": ("stedm.report.build", "tables, figures and report.md from every stage's results"),
 }
 
 

@@ -150,11 +150,11 @@ def test_malformed_json_missing_and_unsupported_files(tmp_path):
     with pytest.raises(StedmError, match="not found") as err:
         load_annotations(tmp_path / "missing.geojson", LABELS)
     assert "missing.geojson" in str(err.value)
-    xml = tmp_path / "asap.xml"
-    xml.write_text("<ASAP_Annotations/>")
+    csv = tmp_path / "annotations.csv"
+    csv.write_text("x,y,class\n")
     with pytest.raises(StedmError, match="unsupported annotation format") as err:
-        load_annotations(xml, LABELS)
-    assert str(xml) in str(err.value)
+        load_annotations(csv, LABELS)
+    assert str(csv) in str(err.value)
 
 
 def test_rasterize_is_fast_with_many_polygons(tmp_path):

@@ -1,9 +1,15 @@
-"""Region annotations (QuPath GeoJSON) as class-indexed polygons, rasterised on demand.
+"""Region annotations as class-indexed polygons (or a label mask), rasterised on demand.
 
-`load_annotations(path, labels)` dispatches on the file type (only QuPath GeoJSON today; an ASAP
-XML or label-mask reader plugs into `_LOADERS`) and returns `Annotations`: (class index, polygon
-in level-0 pixels) pairs plus counts of what was repaired or skipped, so a run's store records
-how much of the annotation file was actually used.
+`load_annotations(path, labels)` dispatches on the file suffix (`_LOADERS`):
+- `.geojson` / `.json`: QuPath GeoJSON export (this module);
+- `.xml`: ASAP XML, the CAMELYON format (`stedm.data.readers_asap`);
+- `.png` / `.tif` / `.tiff`: a label-mask image with a JSON sidecar (`stedm.data.readers_mask`).
+
+It returns `Annotations`: (class index, polygon in level-0 pixels) pairs plus counts of what was
+repaired or skipped, so a run's store records how much of the annotation file was actually used.
+Label masks return `MaskAnnotations`, the same interface rasterised by sampling the mask. Every
+reader maps class names through `labels.classes` / `labels.aliases`; an unknown name raises
+`AnnotationError` naming the file, the names and the fix.
 
 Rasterisation paints larger polygons first, so an annotation drawn inside another (a tumour
 island inside a stroma region) wins; holes reveal what lies underneath. A pixel belongs to a
@@ -29,6 +35,24 @@ from stedm.config import LabelsConfig
 from stedm.errors import StedmError
 
 log = logging.getLogger(__name__)
+
+
+class AnnotationError(StedmError):
+    """An annotation file that cannot be used; `what` went wrong and the `fix`, separately.
+
+    Attributes:
+        path: the annotation file.
+        what: what is wrong (no path).
+        fix: what the user should do.
+        unknown: class names not mapped by the labels config (name -> count), if that is the problem.
+    """
+
+    def __init__(
+        self, path: Path, what: str, fix: str, unknown: dict[str, int] | None = None
+    ) -> None:
+        super().__init__(f"{path}: {what}; {fix}")
+        self.path, self.what, self.fix = path, what, fix
+        self.unknown = dict(unknown or {})
 
 
 @dataclass
@@ -156,12 +180,50 @@ def _inside_masks(
 
 
 # -- loading ---------------------------------------------------------------------------------
-def _polygonal(geometry: BaseGeometry) -> BaseGeometry:
-    """The polygonal part of a geometry (make_valid may add lines or points at pinch points)."""
+def polygonal_part(geometry: BaseGeometry) -> BaseGeometry:
+    """The polygonal part of a geometry (make_valid or a difference may add lines or points)."""
     if isinstance(geometry, Polygon | MultiPolygon):
         return geometry
     parts = _polygons(geometry)
     return MultiPolygon(parts) if parts else Polygon()
+
+
+def clean_polygon(geometry: BaseGeometry) -> tuple[BaseGeometry | None, bool, str | None]:
+    """Validate a (Multi)Polygon for painting: (geometry or None, repaired?, reason if unusable).
+
+    Invalid geometries (self-intersections, bow-ties) are repaired with `shapely.make_valid`,
+    keeping only their polygonal part; empty or zero-area results are unusable.
+    """
+    if not isinstance(geometry, Polygon | MultiPolygon):
+        return None, False, f"{geometry.geom_type} geometry"
+    repaired = not geometry.is_empty and not geometry.is_valid
+    if repaired:
+        geometry = polygonal_part(shapely.make_valid(geometry))
+    if geometry.is_empty or geometry.area <= 0:
+        return None, False, "empty geometry"
+    return geometry, repaired, None
+
+
+def unknown_class_error(path: Path, unknown: Counter[str], labels: LabelsConfig) -> AnnotationError:
+    """The error for class names the labels config does not map (shared by every reader)."""
+    names = ", ".join(f"'{n}' ({c}x)" for n, c in sorted(unknown.items()))
+    return AnnotationError(
+        path,
+        f"unknown annotation class name(s) {names}; known classes: {list(labels.classes)}",
+        "add it to labels.classes or map it with labels.aliases",
+        unknown=dict(unknown),
+    )
+
+
+def log_counts(path: Path, reasons: Counter[str], n_features: int, n_repaired: int) -> int:
+    """Log what was skipped or repaired; returns the number of skipped features."""
+    n_skipped = sum(reasons.values())
+    if n_skipped:
+        detail = ", ".join(f"{c} x {r}" for r, c in reasons.most_common())
+        log.warning("%s: skipped %d of %d features (%s)", path, n_skipped, n_features, detail)
+    if n_repaired:
+        log.warning("%s: repaired %d invalid (e.g. self-intersecting) geometries", path, n_repaired)
+    return n_skipped
 
 
 def _features(data: Any, path: Path) -> list[Any]:
@@ -172,9 +234,16 @@ def _features(data: Any, path: Path) -> list[Any]:
         return list(data.get("features") or [])
     if isinstance(data, dict) and data.get("type") == "Feature":
         return [data]
-    raise StedmError(
-        f"{path}: not a GeoJSON FeatureCollection, Feature or list of features; export the "
-        "annotations from QuPath with File > Export objects as GeoJSON"
+    if isinstance(data, dict) and "downsample" in data:
+        raise AnnotationError(
+            path,
+            "this is a label-mask sidecar, not GeoJSON",
+            "set annotation_path to the mask image next to it (e.g. <name>.mask.png)",
+        )
+    raise AnnotationError(
+        path,
+        "not a GeoJSON FeatureCollection, Feature or list of features",
+        "export the annotations from QuPath with File > Export objects as GeoJSON",
     )
 
 
@@ -182,8 +251,8 @@ def _load_geojson(path: Path, labels: LabelsConfig) -> Annotations:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise StedmError(
-            f"{path} is not valid JSON ({exc}); re-export it from QuPath as GeoJSON"
+        raise AnnotationError(
+            path, f"not valid JSON ({exc})", "re-export it from QuPath as GeoJSON"
         ) from exc
     features = _features(data, path)
     reasons: Counter[str] = Counter()
@@ -210,38 +279,40 @@ def _load_geojson(path: Path, labels: LabelsConfig) -> Annotations:
         except Exception:  # noqa: BLE001 - any malformed geometry is skipped and counted
             reasons["malformed geometry"] += 1
             continue
-        if not isinstance(geometry, Polygon | MultiPolygon):
-            reasons[f"{geometry.geom_type} geometry"] += 1
-            continue
-        repaired = not geometry.is_empty and not geometry.is_valid
-        if repaired:
-            geometry = _polygonal(shapely.make_valid(geometry))
-        if geometry.is_empty or geometry.area <= 0:
-            reasons["empty geometry"] += 1
+        geometry, repaired, reason = clean_polygon(geometry)
+        if geometry is None:
+            reasons[reason] += 1
             continue
         n_repaired += repaired
         items.append((cls, geometry))
     if unknown:
-        names = ", ".join(f"'{n}' ({c}x)" for n, c in sorted(unknown.items()))
-        raise StedmError(
-            f"{path}: unknown annotation class name(s) {names}; known classes: "
-            f"{list(labels.classes)}; add it to labels.classes or map it with labels.aliases"
-        )
-    n_skipped = sum(reasons.values())
-    if n_skipped:
-        detail = ", ".join(f"{c} x {r}" for r, c in reasons.most_common())
-        log.warning("%s: skipped %d of %d features (%s)", path, n_skipped, len(features), detail)
-    if n_repaired:
-        log.warning("%s: repaired %d invalid (e.g. self-intersecting) geometries", path, n_repaired)
+        raise unknown_class_error(path, unknown, labels)
+    n_skipped = log_counts(path, reasons, len(features), n_repaired)
     return Annotations(
         path, items, n_features=len(features), n_repaired=n_repaired, n_skipped=n_skipped
     )
 
 
-# suffix -> loader; add ASAP XML (.xml) or label masks (.png/.tif) here.
+def _load_asap(path: Path, labels: LabelsConfig) -> Annotations:
+    from stedm.data.readers_asap import load_asap_xml  # imported late: it imports this module
+
+    return load_asap_xml(path, labels)
+
+
+def _load_mask(path: Path, labels: LabelsConfig) -> Annotations:
+    from stedm.data.readers_mask import load_label_mask
+
+    return load_label_mask(path, labels)
+
+
+# suffix -> loader
 _LOADERS: dict[str, Callable[[Path, LabelsConfig], Annotations]] = {
     ".geojson": _load_geojson,
     ".json": _load_geojson,
+    ".xml": _load_asap,
+    ".png": _load_mask,
+    ".tif": _load_mask,
+    ".tiff": _load_mask,
 }
 
 
@@ -249,23 +320,30 @@ def load_annotations(path: str | Path, labels: LabelsConfig) -> Annotations:
     """Load a slide's region annotations.
 
     Args:
-        path: QuPath GeoJSON (`.geojson` / `.json`): a FeatureCollection, a list of features or a
-            single feature; classes from `properties.classification.name`, coordinates in
-            level-0 pixels.
+        path: one of
+            - QuPath GeoJSON (`.geojson` / `.json`): a FeatureCollection, a list of features or a
+              single feature; classes from `properties.classification.name`, coordinates in
+              level-0 pixels;
+            - ASAP XML (`.xml`, CAMELYON): class = `PartOfGroup`; groups `_2` / `Exclusion` not
+              mapped to a class are holes cut from the slide's other annotations;
+            - a label mask (`.png` / `.tif` / `.tiff`): pixel values are class codes, described by
+              the sidecar `<mask stem>.json`: `{"downsample": 16, "classes": {"1": "Tumor"}}`.
         labels: class names and aliases mapping names to label indices.
 
     Raises:
-        StedmError: missing or malformed file, unsupported format, or an unknown class name.
+        StedmError: missing or malformed file, unsupported format, or an unknown class name
+            (an `AnnotationError` naming the file, what is wrong and the fix).
     """
     path = Path(path)
     if not path.is_file():
-        raise StedmError(
-            f"annotation file not found: {path} (check annotation_path in the manifest)"
+        raise AnnotationError(
+            path, "annotation file not found", "check annotation_path in the manifest"
         )
     loader = _LOADERS.get(path.suffix.lower())
     if loader is None:
-        raise StedmError(
-            f"{path}: unsupported annotation format '{path.suffix}'; supported: "
-            f"{sorted(_LOADERS)} (QuPath GeoJSON export)"
+        raise AnnotationError(
+            path,
+            f"unsupported annotation format '{path.suffix}'",
+            f"use one of {sorted(_LOADERS)} (QuPath GeoJSON, ASAP XML, label mask + .json sidecar)",
         )
     return loader(path, labels)
