@@ -15,6 +15,7 @@ validate(config, "schemas/config.schema.yaml", set_default=True)
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/diffusion.smk"
+include: "rules/synthesis.smk"
 
 
 rule all:
@@ -24,4 +25,6 @@ rule all:
         expand(f"{R}/tiles/{{slide}}.zarr", slide=SLIDES),
         expand(f"{R}/tiles/{{slide}}.thumbnail.png", slide=SLIDES),
         expand(f"{R}/stedm/budget~{{budget}}/model", budget=BUDGETS),
+        expand(f"{R}/synthesis/budget~{{budget}}/synthetic.zarr", budget=BUDGETS),
+        expand(f"{R}/synthesis/budget~{{budget}}/preview.png", budget=BUDGETS),
     default_target: True

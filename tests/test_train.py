@@ -73,3 +73,14 @@ def test_budget_slide_without_labels_fails(trained_ae, tmp_path):
     store = write_store(tmp_path / "u.zarr", "u", labels=False)
     with pytest.raises(StedmError, match="u"):
         train_stedm(cfg(tmp_path), 1, [store], trained_ae[0] / "ae", tmp_path / "o", tmp_path / "o.work")
+
+
+@pytest.mark.parametrize("sampling", ["nearby", "augmented", "none"])
+def test_single_tile_and_no_style_strategies_train(trained_ae, tmp_path, sampling):
+    """nearby/augmented sets hold one tile, so a `linear` aggregation must be built for n = 1."""
+    _, stores, _ = trained_ae
+    config = cfg(tmp_path, style_sampling=sampling, steps=2, checkpoint_every=2)
+    train_stedm(config, 2, stores[:2], trained_ae[0] / "ae", tmp_path / "m", tmp_path / "m.work")
+    model = StedmModel.from_pretrained(tmp_path / "m")
+    expected = {"nearby": ("linear", 1), "augmented": ("linear", 1), "none": ("none", 1)}[sampling]
+    assert (model.config.aggregation, model.config.n_style) == expected

@@ -295,8 +295,10 @@ class StedmModelConfig:
             style_injection=s["style_injection"],
             aggregation=aggregation,
             style_encoder=s["style_encoder"],
-            n_style=s["n_style"],
+            # nearby / augmented sets hold one tile; n_style is the multi-patch set size
+            n_style=s["n_style"] if s.get("style_sampling") == "multi_patch" else 1,
             freeze_style=s["freeze_style"],
+            null_style=s.get("null_style", "constant_image"),
         )
 
     def to_dict(self) -> dict[str, Any]:
