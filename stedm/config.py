@@ -182,6 +182,17 @@ class SegmentationConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    inception_weights: str | None = None
+    fid_max_images: int = 500
+    fid_batch_size: int = 32
+    style_max_images: int = 1000
+    style_tiles_per_slide: int = 64
+    layout_max_images: int = 1000
+    n_overlays: int = 6
+
+
+@dataclass(frozen=True)
 class Config:
     results_dir: str = "results"
     seed: int = 0
@@ -194,6 +205,7 @@ class Config:
     stedm: StedmConfig = field(default_factory=StedmConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def section(self, name: str) -> dict[str, Any]:
         """One section as a plain dict (what rules pass to a stage as `params`)."""
