@@ -16,6 +16,8 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/diffusion.smk"
 include: "rules/synthesis.smk"
+include: "rules/segmentation.smk"
+include: "rules/report.smk"
 
 
 rule all:
@@ -27,4 +29,6 @@ rule all:
         expand(f"{R}/stedm/budget~{{budget}}/model", budget=BUDGETS),
         expand(f"{R}/synthesis/budget~{{budget}}/synthetic.zarr", budget=BUDGETS),
         expand(f"{R}/synthesis/budget~{{budget}}/preview.png", budget=BUDGETS),
+        SEGMENTATION_METRICS,
+        REPORT_OUTPUTS,
     default_target: True

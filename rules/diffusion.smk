@@ -35,7 +35,7 @@ rule train_stedm:
     output:
         directory(f"{R}/stedm/budget~{{budget}}/model"),
     params:
-        cfg=cfg_json("results_dir", "seed", "tracking", "labels", "stedm"),
+        cfg=cfg_json("results_dir", "seed", "tracking", "labels", "tiling", "stedm"),
         tiles_dir=f"{R}/tiles",
         work_dir=f"{R}/stedm/budget~{{budget}}/work",
     log:

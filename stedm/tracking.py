@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,9 @@ def init_tracking(config: Config) -> str | None:
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
-            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+            # MLflow keys allow only alphanumerics, _ - . / and space (arm names contain '+')
+            key = re.sub(r"[^\w\-./ ]", "_", str(k))
+            _flatten(f"{prefix}.{key}" if prefix else key, v, out)
     else:
         out[prefix] = value
 

@@ -11,7 +11,8 @@ def test_runs_grouped_under_parent(tmp_path):
     assert tracking_uri(cfg) == f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}"
     exp = init_tracking(cfg)
     assert init_tracking(cfg) == exp  # idempotent
-    with start_run(cfg, "train", params={"stedm": {"lr": 0.1}}, parent="budget~6/seed~0") as run:
+    params = {"stedm": {"lr": 0.1}, "arms": {"real+stedm": {"synthetic_fraction": 0.8}}}
+    with start_run(cfg, "train", params=params, parent="budget~6/seed~0") as run:
         run.log_metrics({"loss": 0.5}, step=1)
     with start_run(cfg, "eval", parent="budget~6/seed~0") as run2:
         run2.log_metrics({"dice": 0.9, "nan": float("nan")})
@@ -23,6 +24,7 @@ def test_runs_grouped_under_parent(tmp_path):
     assert by_name["train"].data.tags["mlflow.parentRunId"] == parent_id
     assert by_name["eval"].data.tags["mlflow.parentRunId"] == parent_id
     assert by_name["train"].data.params["stedm.lr"] == "0.1"
+    assert by_name["train"].data.params["arms.real_stedm.synthetic_fraction"] == "0.8"
     assert by_name["train"].data.metrics["loss"] == 0.5
     assert "nan" not in by_name["eval"].data.metrics
     artifact = tmp_path / "a.txt"

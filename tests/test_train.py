@@ -22,6 +22,7 @@ def cfg(tmp_path, **stedm):
     return load_config({
         "results_dir": str(tmp_path / "results"),
         "tracking": {"enabled": False},
+        "tiling": {"tile_size": 32},
         "autoencoder": {"steps": 4, "batch_size": 4},
         "stedm": {"steps": 6, "batch_size": 4, "checkpoint_every": 3, "n_style": 2, **stedm},
     })

@@ -8,6 +8,10 @@ Exact resumption: data items are pure functions of a global sample counter (`Cou
 starts where the last checkpoint stopped), each step's noise comes from a generator seeded with
 (seed, step), and the optimiser, EMA and RNG states are restored. On CPU an interrupted run
 therefore continues bit-for-bit like an uninterrupted one (tested).
+
+Optional model selection: a `validate(model, step) -> score` callback runs every
+`validate_every` steps (higher is better); the loop keeps the best-scoring weights, and the
+validation history and best weights travel in the checkpoints, so selection survives resumption.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class LoopSettings:
     num_workers: int = 0
     log_every: int = 10
     stop_after: int | None = None  # for tests: simulate an interruption after this many steps
+    validate_every: int | None = None  # steps between `validate` calls (and at the last step)
 
 
 @dataclass
@@ -56,6 +61,9 @@ class LoopResult:
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     resumed_from: int | None = None
+    val_history: list[dict[str, float]] = field(default_factory=list)  # {"step", "score"}
+    best_step: int | None = None  # step of the best validation score (None: never validated)
+    best_state: dict[str, torch.Tensor] | None = None  # its weights (CPU copies)
 
 
 def make_accelerator(settings: LoopSettings) -> Accelerator:
@@ -87,12 +95,16 @@ def train_loop(
     accelerator: Accelerator | None = None,
     on_log: Callable[[dict[str, float], int], None] | None = None,
     desc: str = "train",
+    validate: Callable[[torch.nn.Module, int], float] | None = None,
 ) -> tuple[torch.nn.Module, EMAModel | None, LoopResult]:
     """Train `model` (its trainable parameters) on `dataset` with `loss_fn`, resuming if possible.
 
     Args:
         loss_fn: (model, batch, generator) -> (loss, scalars to log). Called once per micro-batch.
         work_dir: where `checkpoints/step-*` live; an existing one is resumed from.
+        validate: (unwrapped model in eval mode, step) -> score, higher is better; called every
+            `settings.validate_every` steps and at the last step, under `torch.no_grad()`. A NaN
+            score never counts as best; ties keep the earlier step.
     Returns:
         The unwrapped model (final weights), the EMA (or None) and a LoopResult.
     """
@@ -102,6 +114,8 @@ def train_loop(
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     ema = EMAModel(params, decay=settings.ema_decay) if settings.ema_decay else None
     history: list[dict[str, float]] = []
+    val_history: list[dict[str, float]] = []
+    best_state: dict[str, torch.Tensor] | None = None
     start, resumed_from = 0, None
     ckpt = latest_checkpoint(work_dir)
     if ckpt is not None:
@@ -112,6 +126,8 @@ def train_loop(
                 shadow.data.copy_(tensors["ema"][name])
             ema.optimization_step = state.get("ema_optimization_step", state["step"])
         start, history, resumed_from = state["step"], state.get("history", []), state["step"]
+        val_history = state.get("val_history", [])
+        best_state = tensors.get("best")
         log.info("resuming from %s (step %d)", ckpt, start)
     micro = settings.batch_size
     per_step = micro * settings.grad_accum
@@ -152,6 +168,17 @@ def train_loop(
         step += 1
         history.append({"step": step, **logs})  # every step: resumption keeps it exact
         bar.update(1)
+        if validate is not None and (step % (settings.validate_every or settings.steps) == 0
+                                     or step == settings.steps):
+            unwrapped = accelerator.unwrap_model(model)
+            unwrapped.eval()
+            with torch.no_grad():
+                score = float(validate(unwrapped, step))
+            model.train()
+            best = max((v["score"] for v in val_history if not math.isnan(v["score"])), default=-math.inf)
+            if not math.isnan(score) and score > best:
+                best_state = {k: v.detach().cpu().clone() for k, v in unwrapped.state_dict().items()}
+            val_history.append({"step": step, "score": score})
         if step % settings.log_every == 0 or step == settings.steps:
             recent = history[-settings.log_every :]
             mean = {k: sum(r[k] for r in recent) / len(recent) for k in logs}
@@ -161,7 +188,9 @@ def train_loop(
         if step % settings.checkpoint_every == 0 or step == settings.steps:
             unwrapped = accelerator.unwrap_model(model)
             tensors = {"model": unwrapped.state_dict()}
-            state: dict[str, Any] = {"history": history}
+            state: dict[str, Any] = {"history": history, "val_history": val_history}
+            if best_state is not None:
+                tensors["best"] = best_state
             if ema is not None:
                 tensors["ema"] = dict(zip(names, ema.shadow_params, strict=True))
                 state["ema_optimization_step"] = ema.optimization_step
@@ -170,7 +199,10 @@ def train_loop(
             break
     bar.close()
     seconds = time.perf_counter() - t0
-    return accelerator.unwrap_model(model), ema, LoopResult(step, history, seconds, resumed_from)
+    scored = [v for v in val_history if not math.isnan(v["score"])]
+    best_step = int(max(scored, key=lambda v: v["score"])["step"]) if scored else None  # first max
+    result = LoopResult(step, history, seconds, resumed_from, val_history, best_step, best_state)
+    return accelerator.unwrap_model(model), ema, result
 
 
 def apply_ema(model: torch.nn.Module, ema: EMAModel | None) -> None:

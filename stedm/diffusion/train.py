@@ -37,6 +37,7 @@ def build_model(config: Config, latent_channels: int, latent_size: int) -> Stedm
         config.stedm,
         latent_channels=latent_channels,
         latent_size=latent_size,
+        style_size=latent_size * 4,
         n_layout_channels=layout_channels(config.stedm.layout, len(config.labels.classes)),
     )
     return StedmModel(config=model_cfg, style_encoder_weights=config.stedm.style_encoder_weights)
@@ -66,6 +67,11 @@ def train_stedm(
     steps = cfg.steps
     per_step = cfg.batch_size * cfg.grad_accum
     dataset = StedmTrainDataset.from_config(stores, config, num_samples=steps * per_step)
+    if dataset.tile_size != config.tiling.tile_size:
+        raise StedmError(
+            f"the tile stores hold {dataset.tile_size} px tiles but tiling.tile_size is "
+            f"{config.tiling.tile_size}; pass the config the tiles were made with (or retile)"
+        )
     latent_size = dataset.tile_size // 4
     model = build_model(config, ae.config.latent_channels, latent_size)
     counts = model.parameter_counts()

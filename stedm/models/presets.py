@@ -278,7 +278,13 @@ class StedmModelConfig:
 
     @classmethod
     def from_workflow(
-        cls, section: Any, *, latent_channels: int, latent_size: int, n_layout_channels: int
+        cls,
+        section: Any,
+        *,
+        latent_channels: int,
+        latent_size: int,
+        n_layout_channels: int,
+        style_size: int | None = None,
     ) -> StedmModelConfig:
         """From the workflow's `stedm` config section (a `StedmConfig` or its dict) + data facts.
 
@@ -299,6 +305,7 @@ class StedmModelConfig:
             n_style=s["n_style"] if s.get("style_sampling") == "multi_patch" else 1,
             freeze_style=s["freeze_style"],
             null_style=s.get("null_style", "constant_image"),
+            **({"style_size": style_size} if style_size else {}),
         )
 
     def to_dict(self) -> dict[str, Any]:
