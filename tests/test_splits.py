@@ -38,7 +38,7 @@ def test_budgets_nested_and_patient_level():
     assert len(splits["budgets"]["6"]) == 6 and len(splits["budgets"]["24"]) == 24
     assert splits["budgets"]["24"] == splits["train_pool"][:24]
     roles = {}
-    for slide, info in splits["slides"].items():
+    for info in splits["slides"].values():
         roles.setdefault(info["patient_id"], set()).add(info["role"])
     assert all(len(r) == 1 for r in roles.values())
     # the two-slide patients stay together in test
