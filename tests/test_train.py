@@ -85,3 +85,15 @@ def test_single_tile_and_no_style_strategies_train(trained_ae, tmp_path, samplin
     model = StedmModel.from_pretrained(tmp_path / "m")
     expected = {"nearby": ("linear", 1), "augmented": ("linear", 1), "none": ("none", 1)}[sampling]
     assert (model.config.aggregation, model.config.n_style) == expected
+
+
+def test_step_sampler_shards_disjointly_and_resumes():
+    from stedm.diffusion.loop import StepSampler
+
+    single = list(StepSampler(0, 5, batch=4, accum=2))
+    assert single == list(range(40))  # one process reads the counters in order
+    assert list(StepSampler(3, 5, batch=4, accum=2)) == single[24:]  # resume at step 3
+    ranks = [list(StepSampler(0, 5, batch=4, accum=2, world=2, rank=r)) for r in (0, 1)]
+    assert not set(ranks[0]) & set(ranks[1])
+    assert sorted(ranks[0] + ranks[1]) == list(range(80))
+    assert ranks[1][:4] == [4, 5, 6, 7]  # a micro-batch is a contiguous block of counters

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,10 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from stedm.diffusion.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from stedm.diffusion.data import CounterSampler
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,32 @@ def make_accelerator(settings: LoopSettings) -> Accelerator:
     )
 
 
-def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+def step_generator(seed: int, step: int, device: torch.device, rank: int = 0) -> torch.Generator:
     """The generator for one optimiser step's noise: independent of how the run was split."""
     gen = torch.Generator(device=device)
-    gen.manual_seed(int(seed) * 1_000_003 + int(step))
+    gen.manual_seed(int(seed) * 1_000_003 + int(step) + int(rank) * 104_729_000_003)
     return gen
+
+
+class StepSampler(Sampler[int]):
+    """Global sample counters for optimiser steps [start, stop), sharded over processes.
+
+    Micro-batch a of step s on process r holds the counters ((s*A + a)*W + r)*B ... +B-1, so
+    several GPUs see disjoint data and one process (W=1) reads 0, 1, 2, ... in order; resuming at
+    step `start` continues exactly where the checkpoint left off.
+    """
+
+    def __init__(self, start: int, stop: int, batch: int, accum: int, world: int = 1, rank: int = 0):
+        self.start, self.stop, self.batch, self.accum = start, stop, batch, accum
+        self.world, self.rank = world, rank
+
+    def __iter__(self) -> Iterator[int]:
+        for micro in range(self.start * self.accum, self.stop * self.accum):
+            first = (micro * self.world + self.rank) * self.batch
+            yield from range(first, first + self.batch)
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start) * self.accum * self.batch
 
 
 def train_loop(
@@ -130,11 +151,11 @@ def train_loop(
         best_state = tensors.get("best")
         log.info("resuming from %s (step %d)", ckpt, start)
     micro = settings.batch_size
-    per_step = micro * settings.grad_accum
+    world, rank = accelerator.num_processes, accelerator.process_index
     loader = DataLoader(
         dataset,
         batch_size=micro,
-        sampler=CounterSampler(start * per_step, settings.steps * per_step),
+        sampler=StepSampler(start, settings.steps, micro, settings.grad_accum, world, rank),
         num_workers=settings.num_workers,
         drop_last=True,
     )
@@ -144,10 +165,13 @@ def train_loop(
     model.train()
     t0 = time.perf_counter()
     step = start
-    bar = tqdm(total=settings.steps, initial=start, desc=desc, mininterval=2.0, disable=None)
+    # In a job log (no terminal) a line every 30 s shows progress without flooding the log.
+    interactive = sys.stderr.isatty()
+    bar = tqdm(total=settings.steps, initial=start, desc=desc, mininterval=2.0 if interactive else 30.0,
+               disable=not accelerator.is_main_process)
     batches = iter(loader)
     while step < settings.steps:
-        gen = step_generator(settings.seed, step, accelerator.device)
+        gen = step_generator(settings.seed, step, accelerator.device, rank)
         logs: dict[str, float] = {}
         for _ in range(settings.grad_accum):
             batch = next(batches)
@@ -194,7 +218,9 @@ def train_loop(
             if ema is not None:
                 tensors["ema"] = dict(zip(names, ema.shadow_params, strict=True))
                 state["ema_optimization_step"] = ema.optimization_step
-            save_checkpoint(work_dir, step, tensors, optimizer, state)
+            if accelerator.is_main_process:
+                save_checkpoint(work_dir, step, tensors, optimizer, state)
+            accelerator.wait_for_everyone()
         if settings.stop_after is not None and step - start >= settings.stop_after:
             break
     bar.close()

@@ -94,7 +94,7 @@ def train_stedm(
             model=model, dataset=dataset, loss_fn=loss_fn, settings=settings, work_dir=work_dir,
             accelerator=accelerator, on_log=run.log_metrics, desc=f"stedm budget~{budget}",
         )
-        if result.step < steps:  # deliberately interrupted (tests): checkpoints stay, no output
+        if result.step < steps or not accelerator.is_main_process:  # interrupted (tests) / other ranks
             return {"step": result.step, "history": result.history}
         apply_ema(model, ema)
         model = model.cpu().eval()

@@ -92,12 +92,13 @@ def train_autoencoder(
                 images = images[..., y : y + crop, x : x + crop]
             return autoencoder_loss(model, images, kl_weight=cfg.kl_weight)
 
+        accelerator = make_accelerator(settings)
         with start_run(config, "train_autoencoder", params={"autoencoder": config.section("autoencoder")}) as run:
             ae, _, result = train_loop(
                 model=ae, dataset=dataset, loss_fn=loss_fn, settings=settings, work_dir=work_dir,
-                accelerator=make_accelerator(settings), on_log=run.log_metrics, desc="autoencoder",
+                accelerator=accelerator, on_log=run.log_metrics, desc="autoencoder",
             )
-        if result.step < steps:  # interrupted on purpose (tests): leave checkpoints, no output
+        if result.step < steps or not accelerator.is_main_process:  # interrupted (tests) / other ranks
             return {"step": result.step}
         history, seconds, source = result.history, result.seconds, {"trained_steps": steps}
     ae = ae.cpu().eval()

@@ -186,7 +186,7 @@ def train_segmentation(
             settings=settings, work_dir=work_dir, accelerator=accelerator, on_log=run.log_metrics,
             desc=f"seg {name}", validate=validate,
         )
-        if result.step < seg.steps:  # deliberately interrupted (tests): checkpoints stay, no output
+        if result.step < seg.steps or not accelerator.is_main_process:  # interrupted (tests) / other ranks
             return {"step": result.step, "history": result.history, "val_history": result.val_history}
         best = {v["step"]: v["score"] for v in result.val_history}.get(result.best_step)
         summary = {
