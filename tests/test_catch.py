@@ -256,3 +256,18 @@ def test_catch_preset_dry_run_plans_every_slide(imported, tmp_path):
     assert counts["tile_slide"] == 23 and counts["make_splits"] == 1
     assert counts["train_stedm"] == 2  # budgets 42 and 175
     assert "results/catch/tiles/MCT_01_1.zarr" in result.stdout and "--budget 175" in result.stdout
+
+
+def test_catch_preset_dry_run_with_slurm_profile(imported, tmp_path):
+    """The SLURM profile plans the same reproduction (no SLURM needed for a dry-run)."""
+    manifest = imported / "out" / "manifest.csv"
+    result = snakemake(
+        tmp_path, "-n", "--workflow-profile", str(ROOT / "profiles" / "slurm"), "--jobs", "20",
+        "--configfile", str(CATCH_YAML), "--config", f"cohort={{source: manifest, manifest: {manifest}}}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+    table = result.stdout.split("Job stats:")[-1]
+    counts = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+    assert counts["tile_slide"] == 23 and counts["train_stedm"] == 2
+    assert counts["train_segmentation"] == 2 * 3 * 3  # budgets x arms x seeds
+    assert "slurm" in (result.stdout + result.stderr).lower()

@@ -35,6 +35,28 @@ def test_demo_dry_run_plans_every_stage(tmp_path):
     assert counts["train_stedm"] == 2  # one per budget (6, 24)
 
 
+PAPER = {
+    "tiling": {"tile_size": 512},
+    "autoencoder": {"preset": "paper", "kind": "vq"},
+    "stedm": {"preset": "paper", "style_encoder": "swin_v2_t", "n_style": 10, "batch_size": 8,
+              "grad_accum": 8},
+    "synthesis": {"n_samples": 20000, "sampler": "ddim", "steps": 128, "n_shards": 8},
+    "segmentation": {"preset": "paper", "seeds": [0, 1, 2]},
+}
+
+
+def test_paper_preset_plans_the_same_dag_with_paper_settings(tmp_path):
+    demo = job_counts(snakemake(tmp_path / "demo", "-n").stdout)
+    result = snakemake(tmp_path / "paper", "-n", "-p", config=PAPER)
+    assert result.returncode == 0, result.stderr + result.stdout
+    paper = job_counts(result.stdout)
+    assert set(paper) == set(demo)  # the same stages
+    assert paper["train_stedm"] == 2  # budgets {6, 24}
+    assert paper["train_segmentation"] == paper["evaluate_segmentation"] == 2 * 3 * 3  # budgets x arms x 3 seeds
+    assert paper["generate_synthetic"] == 2 * 8
+    assert '"preset": "paper"' in result.stdout and '"sampler": "ddim"' in result.stdout
+
+
 def test_invalid_config_fails_before_running(tmp_path):
     result = snakemake(tmp_path, "-n", config={"tiling": {"mpp": -1}})
     assert result.returncode != 0
