@@ -166,6 +166,16 @@ def check_splits(splits: dict) -> None:
         raise StedmError("style-pool slides overlap annotated training/validation/test slides")
 
 
+def budget_slides(splits: dict, budget: int) -> list[str]:
+    """The annotated slides of one budget, or a StedmError naming the budgets that exist."""
+    if str(budget) not in splits["budgets"]:
+        raise StedmError(
+            f"budget {budget} is not in splits.json (budgets: {sorted(splits['budgets'], key=int)}); "
+            "add it to splits.budgets and rerun the split stage"
+        )
+    return splits["budgets"][str(budget)]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--manifest", required=True, type=Path, help="cohort manifest CSV")
     parser.add_argument("--out", required=True, type=Path, help="splits.json to write")

@@ -18,14 +18,16 @@ import torch
 import torch.nn.functional as F
 
 from stedm.config import Config, load_config
+from stedm.data.splits import budget_slides
 from stedm.diffusion.data import StedmTrainDataset, layout_channels
 from stedm.diffusion.loop import LoopSettings, apply_ema, make_accelerator, plot_history, train_loop
-from stedm.diffusion.train_autoencoder import INFO_FILE, tile_stores
+from stedm.diffusion.train_autoencoder import INFO_FILE
 from stedm.errors import StedmError
 from stedm.io import atomic_output, read_json, sha256_file
 from stedm.models.autoencoder import encode, load_autoencoder
 from stedm.models.denoiser import make_noise_scheduler
 from stedm.models.stedm import StedmModel, StedmModelConfig
+from stedm.tiling.store import tile_store_paths
 from stedm.tracking import start_run
 
 log = logging.getLogger(__name__)
@@ -142,11 +144,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     config = load_config(args.config)
     splits = read_json(args.splits)
-    if str(args.budget) not in splits["budgets"]:
-        raise StedmError(
-            f"budget {args.budget} is not in {args.splits} (budgets: {sorted(splits['budgets'], key=int)}); "
-            "add it to splits.budgets and rerun the split stage"
-        )
-    stores = tile_stores(args.tiles_dir, splits["budgets"][str(args.budget)])
+    stores = tile_store_paths(args.tiles_dir, budget_slides(splits, args.budget))
     work = args.work_dir or args.out.with_name(args.out.name + ".work")
     train_stedm(config, args.budget, stores, args.autoencoder, args.out, work)

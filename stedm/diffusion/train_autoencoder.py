@@ -21,7 +21,6 @@ import torch
 from stedm.config import Config, load_config
 from stedm.diffusion.data import AutoencoderTileDataset
 from stedm.diffusion.loop import LoopSettings, make_accelerator, plot_history, train_loop
-from stedm.errors import StedmError
 from stedm.io import atomic_output, read_json, sha256_file
 from stedm.models.autoencoder import (
     autoencoder_loss,
@@ -32,18 +31,11 @@ from stedm.models.autoencoder import (
     load_autoencoder,
     set_scaling_factor,
 )
+from stedm.tiling.store import tile_store_paths
 from stedm.tracking import start_run
 
 log = logging.getLogger(__name__)
 INFO_FILE = "stedm_autoencoder.json"
-
-
-def tile_stores(tiles_dir: Path, slides: list[str]) -> list[Path]:
-    stores = [tiles_dir / f"{s}.zarr" for s in slides]
-    missing = [str(s) for s in stores if not s.is_dir()]
-    if missing:
-        raise StedmError(f"tile stores missing: {missing[:3]}{' …' if len(missing) > 3 else ''}; run the tiling stage")
-    return stores
 
 
 def _batch(dataset: AutoencoderTileDataset, n: int, offset: int = 0) -> torch.Tensor:
@@ -136,7 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     config = load_config(args.config)
     splits = read_json(args.splits)
-    train = tile_stores(args.tiles_dir, splits["train_pool"])
-    val = tile_stores(args.tiles_dir, splits["val"])
+    train = tile_store_paths(args.tiles_dir, splits["train_pool"])
+    val = tile_store_paths(args.tiles_dir, splits["val"])
     work = args.work_dir or args.out.with_name(args.out.name + ".work")
     train_autoencoder(config, train, val, args.out, work)

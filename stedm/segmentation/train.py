@@ -27,12 +27,14 @@ import numpy as np
 import torch
 
 from stedm.config import Config, load_config
+from stedm.data.splits import budget_slides
 from stedm.diffusion.loop import LoopSettings, make_accelerator, train_loop
 from stedm.errors import StedmError
 from stedm.io import atomic_output, read_json
 from stedm.segmentation.data import SegTrainDataset, ValidationTiles
 from stedm.segmentation.metrics import Counts, foreground_counts_torch
 from stedm.segmentation.model import SegModelConfig, build_model, load_encoder_weights, save_model
+from stedm.tiling.store import tile_store_paths
 from stedm.tracking import start_run
 
 log = logging.getLogger(__name__)
@@ -216,14 +218,6 @@ def train_segmentation(
     return summary
 
 
-def tile_stores(tiles_dir: Path, slides: list[str]) -> list[Path]:
-    stores = [Path(tiles_dir) / f"{s}.zarr" for s in slides]
-    missing = [str(s) for s in stores if not s.is_dir()]
-    if missing:
-        raise StedmError(f"tile stores missing: {missing[:3]}{' …' if len(missing) > 3 else ''}; run the tiling stage")
-    return stores
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", required=True, type=int, help="annotation budget, a key of splits.json budgets")
     parser.add_argument("--arm", required=True, help="training arm, a key of segmentation.arms")
@@ -240,14 +234,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     config = load_config(args.config)
     splits = read_json(args.splits)
-    if str(args.budget) not in splits["budgets"]:
-        raise StedmError(f"budget {args.budget} is not in {args.splits} (budgets: "
-                         f"{sorted(splits['budgets'], key=int)}); add it to splits.budgets and rerun the split stage")
     start = time.perf_counter()
     train_segmentation(
         config, budget=args.budget, arm=args.arm, seed=args.seed,
-        train_stores=tile_stores(args.tiles_dir, splits["budgets"][str(args.budget)]),
-        val_stores=tile_stores(args.tiles_dir, splits["val"]),
+        train_stores=tile_store_paths(args.tiles_dir, budget_slides(splits, args.budget)),
+        val_stores=tile_store_paths(args.tiles_dir, splits["val"]),
         out=args.out, work_dir=args.work_dir or args.out.with_name(args.out.name + ".work"),
         synthetic_store=args.synthetic,
     )

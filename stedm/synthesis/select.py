@@ -39,11 +39,13 @@ import numpy as np
 from scipy import ndimage
 
 from stedm.config import Config, load_config
+from stedm.data.splits import budget_slides
 from stedm.diffusion.data import dihedral, random_dihedral
 from stedm.diffusion.style_sampling import TileIndex
 from stedm.errors import StedmError
 from stedm.io import atomic_output, read_json
 from stedm.models.presets import StedmModelConfig
+from stedm.tiling.store import tile_store_paths
 
 log = logging.getLogger(__name__)
 
@@ -228,20 +230,10 @@ def select_styles(
     strategy, n = resolve_strategy(config)
     if model_dir is not None:
         check_model_set_size(model_dir, strategy, n)
-    key = str(budget)
-    if key not in splits["budgets"]:
-        raise StedmError(
-            f"budget {budget} is not in splits.json (budgets: {sorted(splits['budgets'], key=int)})"
-        )
-
     def stores(slides: list[str]) -> dict[str, Path]:
-        paths = {s: Path(tiles_dir) / f"{s}.zarr" for s in slides}
-        missing = [str(p) for p in paths.values() if not p.is_dir()]
-        if missing:
-            raise StedmError(f"tile stores missing: {missing[:3]}; run the tiling stage")
-        return paths
+        return dict(zip(slides, tile_store_paths(tiles_dir, slides), strict=True))
 
-    layout_slides, layout_tiles, layout_fg = layout_pool(stores(splits["budgets"][key]), config)
+    layout_slides, layout_tiles, layout_fg = layout_pool(stores(budget_slides(splits, budget)), config)
     fg_rows, bg_rows = np.flatnonzero(layout_fg), np.flatnonzero(~layout_fg)
     pool = list(splits.get("style_pool") or [])
     if strategy != "none" and not pool:

@@ -263,3 +263,13 @@ class TileStore:
 def open_tile_store(path: str | Path) -> TileStore:
     """Open a tile store written by `stedm tile` (read-only)."""
     return TileStore(path)
+
+
+def tile_store_paths(tiles_dir: str | Path, slides: list[str]) -> list[Path]:
+    """`<tiles_dir>/<slide>.zarr` for each slide; a StedmError when any store is missing."""
+    paths = [Path(tiles_dir) / f"{s}.zarr" for s in slides]
+    missing = [str(p) for p in paths if not p.is_dir()]
+    if missing:
+        more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise StedmError(f"tile stores missing: {missing[:3]}{more}; run the tiling stage")
+    return paths
