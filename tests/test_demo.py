@@ -15,7 +15,7 @@ from shapely.geometry import Polygon, box, shape
 
 from stedm.cli import main as cli_main
 from stedm.config import load_config
-from stedm.data import demo
+from stedm.data import demo, demo_layout
 from stedm.data.annotations import load_annotations
 from stedm.data.manifest import read_manifest
 from stedm.data.stain import (
@@ -225,13 +225,13 @@ def test_rasterize_uses_pixel_centres():
     square = Polygon(
         [(10, 10), (20, 10), (20, 30), (10, 30)], [[(12, 12), (14, 12), (14, 14), (12, 14)]]
     )
-    mask = demo.rasterize(square, 40)
+    mask = demo_layout.rasterize(square, 40)
     # pixel (x, y) has its centre at (x + 0.5, y + 0.5)
     assert (
         mask[10, 10] and mask[29, 19] and not mask[30, 10] and not mask[10, 20] and not mask[12, 12]
     )
     assert mask.sum() == 10 * 20 - 2 * 2
-    assert not demo.rasterize(Polygon(), 8).any()
+    assert not demo_layout.rasterize(Polygon(), 8).any()
 
 
 def test_painted_classes_match_label_rasterisation(slides):
@@ -242,10 +242,10 @@ def test_painted_classes_match_label_rasterisation(slides):
     for rec, _, _ in slides[:3]:
         ann = load_annotations(rec.annotation_path, labels)
         label = ann.rasterize(0, 0, SIZE, SIZE, 1.0, fill=0)
-        layout = demo.make_layout(np.random.default_rng(plan[rec.slide_id].seed), SIZE)
+        layout = demo_layout.make_layout(np.random.default_rng(plan[rec.slide_id].seed), SIZE)
         painted = np.zeros((SIZE, SIZE), np.uint8)
-        painted[demo.rasterize(layout["Stroma"], SIZE)] = labels.class_index("Stroma")
-        painted[demo.rasterize(layout["Tumor"], SIZE)] = labels.class_index("Tumor")
+        painted[demo_layout.rasterize(layout["Stroma"], SIZE)] = labels.class_index("Stroma")
+        painted[demo_layout.rasterize(layout["Tumor"], SIZE)] = labels.class_index("Tumor")
         assert (painted != label).mean() < 1e-4, rec.slide_id
         assert set(np.unique(label)) == {0, 1, 2}
 
