@@ -170,7 +170,7 @@ class SegmentationConfig:
     arms: dict[str, ArmConfig] = field(default_factory=_default_arms)
     seeds: tuple[int, ...] = (0,)
     steps: int = 400
-    batch_size: int = 8
+    batch_size: int = 10
     lr: float = 1e-3
     ce_weight: float = 0.1
     dice_weight: float = 0.9
@@ -270,6 +270,16 @@ def _check_semantics(data: dict[str, Any]) -> None:
     if unknown:
         raise ConfigError(
             f"config key 'labels.foreground': {unknown} not in labels.classes {labels['classes']}"
+        )
+    if labels["ignore_index"] < len(labels["classes"]):
+        raise ConfigError(
+            f"config key 'labels.ignore_index': {labels['ignore_index']} is a class index "
+            f"(labels.classes has {len(labels['classes'])} classes); use a value >= {len(labels['classes'])}, e.g. 255"
+        )
+    if labels["classes"][0] in labels["foreground"]:
+        raise ConfigError(
+            f"config key 'labels.foreground': the first class '{labels['classes'][0]}' is the background "
+            "(label 0: glass and unannotated pixels set to background); list the background class first"
         )
     bad_alias = {k: v for k, v in labels["aliases"].items() if v not in labels["classes"]}
     if bad_alias:

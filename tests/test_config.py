@@ -39,6 +39,8 @@ def test_dataclasses_mirror_schema():
         ({"labels": {"foreground": ["Necrosis"]}}, "labels.foreground"),
         ({"cohort": {"source": "manifest"}}, "cohort.manifest"),
         ({"splits": {"budgets": []}}, "splits.budgets"),
+        ({"labels": {"ignore_index": 2}}, "labels.ignore_index"),
+        ({"labels": {"classes": ["Tumor", "Normal"], "foreground": ["Tumor"]}}, "labels.foreground"),
     ],
 )
 def test_invalid_values_name_the_key(raw, key):

@@ -97,3 +97,21 @@ def test_step_sampler_shards_disjointly_and_resumes():
     assert not set(ranks[0]) & set(ranks[1])
     assert sorted(ranks[0] + ranks[1]) == list(range(80))
     assert ranks[1][:4] == [4, 5, 6, 7]  # a micro-batch is a contiguous block of counters
+
+
+def test_rerun_after_a_config_change_does_not_resume_the_old_run(trained_ae, tmp_path):
+    """A finished run's checkpoints must not be 'resumed' under another config (stale model)."""
+    _, stores, _ = trained_ae
+    ae = trained_ae[0] / "ae"
+    work = tmp_path / "shared.work"
+    train_stedm(cfg(tmp_path, lr=1e-3), 2, stores[:2], ae, tmp_path / "a", work)
+    changed = train_stedm(cfg(tmp_path, lr=1e-2), 2, stores[:2], ae, tmp_path / "b", work)
+    assert changed["resumed_from"] is None
+    train_stedm(cfg(tmp_path, lr=1e-2), 2, stores[:2], ae, tmp_path / "c", tmp_path / "fresh.work")
+    b, c = load_file(tmp_path / "b" / "model.safetensors"), load_file(tmp_path / "c" / "model.safetensors")
+    assert all(torch.equal(b[k], c[k]) for k in b)
+    a = load_file(tmp_path / "a" / "model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    # the same config again resumes the finished run (nothing to redo) and gives the same model
+    again = train_stedm(cfg(tmp_path, lr=1e-2), 2, stores[:2], ae, tmp_path / "d", work)
+    assert again["resumed_from"] == 6

@@ -16,8 +16,11 @@ validation history and best weights travel in the checkpoints, so selection surv
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +35,12 @@ from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from stedm.diffusion.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from stedm.diffusion.checkpoint import (
+    STATE_FILE,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +61,9 @@ class LoopSettings:
     log_every: int = 10
     stop_after: int | None = None  # for tests: simulate an interruption after this many steps
     validate_every: int | None = None  # steps between `validate` calls (and at the last step)
+    # What the run depends on (config, data, inputs; see `fingerprint`): a checkpoint written
+    # under another fingerprint is discarded instead of being resumed.
+    fingerprint: str = ""
 
 
 @dataclass
@@ -64,6 +75,12 @@ class LoopResult:
     val_history: list[dict[str, float]] = field(default_factory=list)  # {"step", "score"}
     best_step: int | None = None  # step of the best validation score (None: never validated)
     best_state: dict[str, torch.Tensor] | None = None  # its weights (CPU copies)
+
+
+def fingerprint(*parts: Any) -> str:
+    """SHA-256 of JSON-serialisable parts: config sections, input fingerprints, slide lists."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def make_accelerator(settings: LoopSettings) -> Accelerator:
@@ -139,6 +156,11 @@ def train_loop(
     best_state: dict[str, torch.Tensor] | None = None
     start, resumed_from = 0, None
     ckpt = latest_checkpoint(work_dir)
+    if ckpt is not None and json.loads((ckpt / STATE_FILE).read_text()).get("fingerprint", "") != settings.fingerprint:
+        # A rerun after a config or input change: resuming would silently reproduce the old model.
+        log.warning("checkpoints in %s belong to another configuration or input; starting afresh", work_dir)
+        shutil.rmtree(Path(work_dir) / "checkpoints", ignore_errors=True)
+        ckpt = None
     if ckpt is not None:
         tensors, state = load_checkpoint(ckpt, optimizer)
         model.load_state_dict(tensors["model"], strict=True)
@@ -212,7 +234,9 @@ def train_loop(
         if step % settings.checkpoint_every == 0 or step == settings.steps:
             unwrapped = accelerator.unwrap_model(model)
             tensors = {"model": unwrapped.state_dict()}
-            state: dict[str, Any] = {"history": history, "val_history": val_history}
+            state: dict[str, Any] = {
+                "history": history, "val_history": val_history, "fingerprint": settings.fingerprint,
+            }
             if best_state is not None:
                 tensors["best"] = best_state
             if ema is not None:

@@ -20,14 +20,21 @@ import torch.nn.functional as F
 from stedm.config import Config, load_config
 from stedm.data.splits import budget_slides
 from stedm.diffusion.data import StedmTrainDataset, layout_channels
-from stedm.diffusion.loop import LoopSettings, apply_ema, make_accelerator, plot_history, train_loop
+from stedm.diffusion.loop import (
+    LoopSettings,
+    apply_ema,
+    fingerprint,
+    make_accelerator,
+    plot_history,
+    train_loop,
+)
 from stedm.diffusion.train_autoencoder import INFO_FILE
 from stedm.errors import StedmError
 from stedm.io import atomic_output, read_json, sha256_file
 from stedm.models.autoencoder import encode, load_autoencoder
 from stedm.models.denoiser import make_noise_scheduler
 from stedm.models.stedm import StedmModel, StedmModelConfig
-from stedm.tiling.store import tile_store_paths
+from stedm.tiling.store import store_fingerprint, tile_store_paths
 from stedm.tracking import start_run
 
 log = logging.getLogger(__name__)
@@ -83,6 +90,10 @@ def train_stedm(
         steps=steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr,
         mixed_precision=cfg.mixed_precision, ema_decay=cfg.ema_decay,
         checkpoint_every=cfg.checkpoint_every, seed=config.seed, stop_after=stop_after,
+        fingerprint=fingerprint(
+            {k: config.section(k) for k in ("labels", "tiling", "stedm")}, config.seed, budget,
+            [store_fingerprint(s) for s in stores], sha256_file(next(autoencoder_dir.glob("*.safetensors"))),
+        ),
     )
     accelerator = make_accelerator(settings)
     ae.to(accelerator.device)

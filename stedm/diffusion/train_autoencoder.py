@@ -20,7 +20,13 @@ import torch
 
 from stedm.config import Config, load_config
 from stedm.diffusion.data import AutoencoderTileDataset
-from stedm.diffusion.loop import LoopSettings, make_accelerator, plot_history, train_loop
+from stedm.diffusion.loop import (
+    LoopSettings,
+    fingerprint,
+    make_accelerator,
+    plot_history,
+    train_loop,
+)
 from stedm.io import atomic_output, read_json, sha256_file
 from stedm.models.autoencoder import (
     autoencoder_loss,
@@ -31,7 +37,7 @@ from stedm.models.autoencoder import (
     load_autoencoder,
     set_scaling_factor,
 )
-from stedm.tiling.store import tile_store_paths
+from stedm.tiling.store import store_fingerprint, tile_store_paths
 from stedm.tracking import start_run
 
 log = logging.getLogger(__name__)
@@ -74,6 +80,8 @@ def train_autoencoder(
         settings = LoopSettings(
             steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, mixed_precision=cfg.mixed_precision,
             checkpoint_every=max(1, steps // 4), seed=config.seed, stop_after=stop_after,
+            fingerprint=fingerprint(config.section("autoencoder"), config.seed,
+                                    [store_fingerprint(s) for s in train_stores]),
         )
 
         def loss_fn(model, batch, gen):

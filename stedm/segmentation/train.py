@@ -25,16 +25,17 @@ from typing import Any
 
 import numpy as np
 import torch
+import zarr
 
 from stedm.config import Config, load_config
 from stedm.data.splits import budget_slides
-from stedm.diffusion.loop import LoopSettings, make_accelerator, train_loop
+from stedm.diffusion.loop import LoopSettings, fingerprint, make_accelerator, train_loop
 from stedm.errors import StedmError
 from stedm.io import atomic_output, read_json
-from stedm.segmentation.data import SegTrainDataset, ValidationTiles
+from stedm.segmentation.data import SegTrainDataset, ValidationTiles, n_synthetic
 from stedm.segmentation.metrics import Counts, foreground_counts_torch
 from stedm.segmentation.model import SegModelConfig, build_model, load_encoder_weights, save_model
-from stedm.tiling.store import tile_store_paths
+from stedm.tiling.store import store_fingerprint, tile_store_paths
 from stedm.tracking import start_run
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,9 @@ def _tile_geometry(stores: list[Path], config: Config) -> tuple[int, float]:
     return size, mpp
 
 
+EVAL_KEYS = {"eval_overlap", "eval_batch_size", "worst_k"}  # evaluation only: never retrain for them
+
+
 def train_segmentation(
     config: Config, *, budget: int, arm: str, seed: int, train_stores: list[Path], val_stores: list[Path],
     out: Path, work_dir: Path, synthetic_store: Path | None = None, stop_after: int | None = None,
@@ -138,6 +142,18 @@ def train_segmentation(
     if arm_cfg.synthetic_fraction > 0 and synthetic_store is None:
         raise StedmError(f"arm {arm!r} mixes in synthetic tiles (synthetic_fraction "
                          f"{arm_cfg.synthetic_fraction}): pass the budget's synthetic store (--synthetic)")
+    if arm_cfg.synthetic_fraction > 0 and seg.target == "classes":
+        layout = zarr.open_group(str(synthetic_store), mode="r").attrs.get("layout", "binary")
+        if layout != "classes":
+            raise StedmError(
+                f"arm {arm!r}: segmentation.target is 'classes' but {synthetic_store} was generated from "
+                f"{layout} layouts, so its images carry only foreground vs rest; set stedm.layout: classes "
+                "(and regenerate) or segmentation.target: binary"
+            )
+    per_batch = arm_cfg.synthetic_fraction * seg.batch_size
+    if arm_cfg.synthetic_fraction > 0 and abs(per_batch - round(per_batch)) > 1e-9:
+        log.warning("arm %s: %.2f x batch %d is not a whole number of synthetic tiles; using %d per batch",
+                    arm, arm_cfg.synthetic_fraction, seg.batch_size, n_synthetic(arm_cfg.synthetic_fraction, seg.batch_size))
     if not train_stores:
         raise StedmError(f"budget {budget} has no slides")
     tile_size, tile_mpp = _tile_geometry(train_stores, config)
@@ -163,6 +179,12 @@ def train_segmentation(
         steps=seg.steps, batch_size=seg.batch_size, lr=seg.lr, mixed_precision=seg.mixed_precision,
         checkpoint_every=seg.val_every, validate_every=seg.val_every, seed=seed, stop_after=stop_after,
         max_grad_norm=None, log_every=min(10, seg.val_every),
+        fingerprint=fingerprint(
+            {k: v for k, v in config.section("segmentation").items() if k not in EVAL_KEYS | {"arms", "seeds"}},
+            seg.arms[arm], seed, budget, config.section("labels"), config.section("tiling"),
+            [store_fingerprint(s) for s in [*train_stores, *val_stores]],
+            store_fingerprint(synthetic_store) if synthetic_store is not None and seg.arms[arm].synthetic_fraction > 0 else None,
+        ),
     )
     accelerator = make_accelerator(settings)
     name = f"budget~{budget}/arm~{arm}/seed~{seed}"

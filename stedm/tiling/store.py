@@ -273,3 +273,9 @@ def tile_store_paths(tiles_dir: str | Path, slides: list[str]) -> list[Path]:
         more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
         raise StedmError(f"tile stores missing: {missing[:3]}{more}; run the tiling stage")
     return paths
+
+
+def store_fingerprint(path: str | Path) -> dict[str, Any]:
+    """What identifies a store's content cheaply: its attributes (source and annotation hashes,
+    tiling, tile count for tile stores; model hash and settings for synthetic stores)."""
+    return dict(zarr.open_group(str(path), mode="r").attrs)
