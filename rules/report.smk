@@ -19,6 +19,18 @@ REPORT_LAYOUT_MODEL = (
 )
 REPORT_SECTIONS = ["results_dir", "seed", "tracking", "cohort", "labels", "tiling", "splits",
                    "stedm", "synthesis", "segmentation", "report"]
+
+
+def generation_cfg():
+    """The generation metrics' params: not the segmentation training/evaluation keys or the
+    report's figure settings, so changing those does not recompute FID/IS for every budget."""
+    sections = {s: config[s] for s in ("results_dir", "seed", "tracking", "labels", "tiling",
+                                       "stedm", "synthesis")}
+    sections["segmentation"] = {k: config["segmentation"][k] for k in ("target", "seeds")}
+    sections["report"] = {k: v for k, v in config["report"].items() if k != "n_overlays"}
+    return shlex.quote(json.dumps(sections))
+
+
 REPORT_DIR = f"{R}/report"
 CAPTIONS = "../report/captions"
 
@@ -40,7 +52,7 @@ rule evaluate_generation:
             labels={"budget": "{budget}", "figure": "style and layout fidelity"},
         ),
     params:
-        cfg=cfg_json(*REPORT_SECTIONS),
+        cfg=generation_cfg(),
         tiles_dir=f"{R}/tiles",
         seg_model=" ".join(f"--seg-model {m}" for m in REPORT_LAYOUT_MODEL),
     log:
