@@ -72,6 +72,7 @@ def measure(preset: str, steps: int, batch: int, kind: str) -> dict:
     with tempfile.TemporaryDirectory() as work:
         train_loop(model=model, dataset=data, loss_fn=loss_fn, settings=settings, work_dir=Path(work),
                    accelerator=accelerator, desc=preset)
+    times.append(time.perf_counter())  # the end of the last step
     per_step = (times[-1] - times[warmup]) / (len(times) - 1 - warmup)
     return {
         "preset": preset, "device": str(accelerator.device), "precision": accelerator.mixed_precision,
