@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from stedm.io import sha256_file
+
 log = logging.getLogger(__name__)
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -192,5 +194,6 @@ def generation_quality(real: Batches, fake: Batches, *, n_images: int, tile_size
         "network": network,
         "fid_feature": "pool3 (2048)" if feature is None else "injected",
         "weights": str(found) if found is not None else None,
+        "weights_sha256": sha256_file(found) if found is not None and found.is_file() else None,
         "seconds": seconds,
     }

@@ -31,7 +31,7 @@ from stedm.config import Config, load_config
 from stedm.data.splits import budget_slides
 from stedm.diffusion.loop import LoopSettings, fingerprint, make_accelerator, train_loop
 from stedm.errors import StedmError
-from stedm.io import atomic_output, read_json
+from stedm.io import atomic_output, read_json, sha256_file
 from stedm.segmentation.data import SegTrainDataset, ValidationTiles, n_synthetic
 from stedm.segmentation.metrics import Counts, foreground_counts_torch
 from stedm.segmentation.model import SegModelConfig, build_model, load_encoder_weights, save_model
@@ -217,6 +217,8 @@ def train_segmentation(
             "budget": budget, "arm": arm, "seed": seed, "arm_config": config.section("segmentation")["arms"][arm],
             "slides": [p.stem for p in train_stores], "val_slides": [p.stem for p in val_stores],
             "synthetic_store": str(synthetic_store) if dataset.n_synthetic else None,
+            "encoder_weights": {"path": seg.encoder_weights, "sha256": sha256_file(seg.encoder_weights)}
+            if seg.encoder_weights else None,
             "n_real_tiles": dataset.n_real_tiles, "n_synthetic_tiles": dataset.n_synthetic_tiles,
             "synthetic_per_batch": dataset.n_synthetic, "n_val_tiles": val_tiles.n_tiles,
             "steps": seg.steps, "batch_size": seg.batch_size, "weights": "best" if result.best_state else "last",
