@@ -56,7 +56,7 @@ def measure(preset: str, steps: int, batch: int, kind: str) -> dict:
     p = get_preset(preset)
     ae = build_autoencoder(kind, preset).requires_grad_(False)
     model = build_model(config, ae.config.latent_channels, p.tile_size // 4)
-    scheduler = make_noise_scheduler("ddpm")
+    scheduler = make_noise_scheduler("ddpm", model.config.prediction_type)
     warmup = 2
     settings = LoopSettings(steps=steps + warmup, batch_size=batch, lr=1e-4, checkpoint_every=10**9,
                             seed=0, log_every=10**9, ema_decay=0.999)

@@ -120,6 +120,7 @@ class StedmConfig:
     nearby_distance_um: float = 256.0
     style_dropout: float = 0.25
     loss: str = "l1"
+    prediction: str = "v_prediction"
     steps: int = 1000
     batch_size: int = 8
     grad_accum: int = 1

@@ -15,7 +15,6 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from stedm.config import Config, load_config
 from stedm.data.splits import budget_slides
@@ -34,6 +33,7 @@ from stedm.io import atomic_output, read_json, sha256_file
 from stedm.models.autoencoder import encode, load_autoencoder
 from stedm.models.denoiser import make_noise_scheduler
 from stedm.models.stedm import StedmModel, StedmModelConfig
+from stedm.models.stedm import diffusion_loss as model_diffusion_loss
 from stedm.tiling.store import store_fingerprint, tile_store_paths
 from stedm.tracking import start_run
 
@@ -53,14 +53,13 @@ def build_model(config: Config, latent_channels: int, latent_size: int) -> Stedm
 
 
 def diffusion_loss(model, ae, scheduler, batch, gen, loss_type: str):
-    """ε-prediction loss at uniformly drawn timesteps (noise and t from the step's generator)."""
+    """The model-level diffusion loss on the autoencoder latents of a training batch."""
     with torch.no_grad():
         latents = encode(ae, batch["image"])
-    noise = torch.randn(latents.shape, generator=gen, device=latents.device, dtype=latents.dtype)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen, device=latents.device)
-    noisy = scheduler.add_noise(latents, noise, t)
-    eps = model(noisy, t, batch["layout"], batch["style"], batch["style_dropped"])
-    loss = F.l1_loss(eps.float(), noise.float()) if loss_type == "l1" else F.mse_loss(eps.float(), noise.float())
+    loss = model_diffusion_loss(
+        model, scheduler, latents, batch["layout"], batch["style"],
+        drop_mask=batch["style_dropped"], loss=loss_type, generator=gen,
+    )
     return loss, {"loss": loss.item()}
 
 
@@ -85,7 +84,7 @@ def train_stedm(
     model = build_model(config, ae.config.latent_channels, latent_size)
     counts = model.parameter_counts()
     log.info("budget %d: %d slides, model %s", budget, len(stores), counts)
-    scheduler = make_noise_scheduler("ddpm")
+    scheduler = make_noise_scheduler("ddpm", model.config.prediction_type)
     settings = LoopSettings(
         steps=steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr,
         mixed_precision=cfg.mixed_precision, ema_decay=cfg.ema_decay,

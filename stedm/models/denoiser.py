@@ -40,16 +40,22 @@ NOISE_SCHEDULE: dict = {
 }
 
 
-def make_noise_scheduler(kind: str = "ddpm") -> DDPMScheduler | DDIMScheduler:
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def make_noise_scheduler(
+    kind: str = "ddpm", prediction_type: str = "epsilon"
+) -> DDPMScheduler | DDIMScheduler:
     """The paper's noise schedule as a diffusers scheduler: "ddpm" (training) or "ddim" (sampling).
 
     The DDIM variant uses `set_alpha_to_one=False` and `steps_offset=1` like LDM's DDIM sampler
     (its last step uses alpha_cumprod[0], timesteps 1, 1+k, ...).
     """
+    schedule = {**NOISE_SCHEDULE, "prediction_type": prediction_type}
     if kind == "ddpm":
-        return DDPMScheduler(**NOISE_SCHEDULE)
+        return DDPMScheduler(**schedule)
     if kind == "ddim":
-        return DDIMScheduler(**NOISE_SCHEDULE, set_alpha_to_one=False, steps_offset=1)
+        return DDIMScheduler(**schedule, set_alpha_to_one=False, steps_offset=1)
     raise StedmError(f"unknown scheduler kind {kind!r}; allowed: ['ddpm', 'ddim']")
 
 

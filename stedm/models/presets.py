@@ -218,6 +218,11 @@ class StedmModelConfig:
     attention_heads: int = 4  # of the `attention` aggregation
     freeze_style: bool = False
     null_style: str = "constant_image"  # constant_image | learned
+    # What the denoiser predicts: the paper's ε, or v (= sqrt(a) ε - sqrt(1-a) x0). Under the
+    # paper's schedule (alpha_bar_T ~ 1e-4) an ε-model trained from scratch for a few thousand
+    # steps predicts ε too imprecisely at high noise, so sampling drifts off the data (latent std
+    # ~3 instead of ~1 on the demo); v-prediction keeps every noise level informative.
+    prediction_type: str = "epsilon"  # epsilon | v_prediction
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
 
     def __post_init__(self) -> None:
@@ -305,6 +310,7 @@ class StedmModelConfig:
             n_style=s["n_style"] if s.get("style_sampling") == "multi_patch" else 1,
             freeze_style=s["freeze_style"],
             null_style=s.get("null_style", "constant_image"),
+            prediction_type=s.get("prediction", "epsilon"),
             **({"style_size": style_size} if style_size else {}),
         )
 

@@ -357,7 +357,8 @@ def diffusion_loss(
     loss: str = "l1",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """One ε-prediction loss: t ~ U{0..T-1}, z_t = add_noise(z, ε, t), mean |ε - ε_θ| (or squared).
+    """One diffusion loss: t ~ U{0..T-1}, z_t = add_noise(z, ε, t), mean |target - pred| (or
+    squared), where the target is ε or v as the scheduler's `prediction_type` says.
 
     `latents` are already scaled (`autoencoder.encode`); `scheduler` is `make_noise_scheduler()`.
     """
@@ -372,9 +373,13 @@ def diffusion_loss(
         device=latents.device,
     )
     noisy = scheduler.add_noise(latents, noise, t)
-    eps = model(noisy, t, layout_onehot, style_set, drop_mask)
+    pred = model(noisy, t, layout_onehot, style_set, drop_mask).float()
+    if scheduler.config.prediction_type == "epsilon":
+        target = noise
+    else:
+        target = scheduler.get_velocity(latents, noise, t)
     if loss == "l1":
-        return (eps - noise).abs().mean()
+        return (pred - target.float()).abs().mean()
     if loss == "l2":
-        return ((eps - noise) ** 2).mean()
+        return ((pred - target.float()) ** 2).mean()
     raise StedmError(f"unknown diffusion loss {loss!r}; allowed: ['l1', 'l2']")

@@ -94,10 +94,12 @@ def ldm_uniform_timesteps(steps: int, num_train_timesteps: int = 1000) -> torch.
     return torch.arange(0, num_train_timesteps, stride, dtype=torch.long).flip(0) + 1
 
 
-def make_sampler(name: str, steps: int) -> DDIMScheduler | DPMSolverMultistepScheduler:
+def make_sampler(
+    name: str, steps: int, prediction_type: str = "epsilon"
+) -> DDIMScheduler | DPMSolverMultistepScheduler:
     """A fresh scheduler for one batch, its timesteps set (schedulers carry per-run state)."""
     if name == "ddim":
-        scheduler = make_noise_scheduler("ddim")
+        scheduler = make_noise_scheduler("ddim", prediction_type)
         scheduler.set_timesteps(steps)  # step() computes t_prev = t - 1000 // steps ...
         scheduler.timesteps = ldm_uniform_timesteps(steps)  # ... which these timesteps follow
         return scheduler
@@ -106,7 +108,7 @@ def make_sampler(name: str, steps: int) -> DDIMScheduler | DPMSolverMultistepSch
         accepted = inspect.signature(DPMSolverMultistepScheduler.__init__).parameters
         schedule = {k: v for k, v in NOISE_SCHEDULE.items() if k in accepted}
         scheduler = DPMSolverMultistepScheduler(
-            **schedule, algorithm_type="dpmsolver++", solver_order=2
+            **{**schedule, "prediction_type": prediction_type}, algorithm_type="dpmsolver++", solver_order=2
         )
         scheduler.set_timesteps(steps)
         return scheduler
@@ -180,7 +182,7 @@ def sample_latents(
     on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Denoise `noise` (B, C, h, w) conditioned on `layout` (B, L, H, W) and style `cond`."""
-    scheduler = make_sampler(settings.sampler, settings.steps)
+    scheduler = make_sampler(settings.sampler, settings.steps, model.config.prediction_type)
     latents = noise * scheduler.init_noise_sigma
     for i, t in enumerate(scheduler.timesteps):
         x = scheduler.scale_model_input(latents, t)
